@@ -1,0 +1,139 @@
+"""Train the image classifier with ultralytics YOLO-cls.
+
+Reads   data/dataset/{train,val}/<class>/   (val picks the best epoch and stops early)
+Writes  models/best.pt                    the checkpoint of the best val epoch
+        metrics/train.json                best epoch, its val top-1/top-5, speed
+        plots/train/history.csv           loss and val accuracy per epoch
+Params  classes, train.model, train.epochs, train.batch, train.imgsz, train.patience,
+        train.seed, train.workers, train.device, train.threads
+
+``train.model`` is a weights file (``yolov8n-cls.pt``: ImageNet-pretrained, needs the
+file on disk because nothing is downloaded) or a model definition
+(``yolov8n-cls.yaml``: trained from scratch).
+
+Run alone:  python stages/train.py
+"""
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from modisch.outputs import write_csv, write_json
+from modisch.params import load_params
+from modisch.yolo import check_weights, offline_ultralytics
+
+log = logging.getLogger("train")
+
+
+def check_dataset(dataset: Path, classes: list[str]) -> int:
+    """Check that every class has a train folder and no other folder exists; return the count."""
+    train_dir = dataset / "train"
+    if not train_dir.is_dir():
+        raise SystemExit(f"{train_dir}: not found; run the balance stage first (dvc repro balance).")
+    folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if folders != sorted(classes):
+        raise SystemExit(f"{train_dir}: class folders {folders} differ from params.yaml classes "
+                         f"{sorted(classes)}; re-run the balance stage.")
+    return sum(1 for p in train_dir.rglob("*.jpg"))
+
+
+def history_table(results_csv: Path) -> pd.DataFrame:
+    """Turn ultralytics' results.csv into a per-epoch table with plain column names."""
+    results = pd.read_csv(results_csv)
+    results.columns = [c.strip() for c in results.columns]
+    return pd.DataFrame({
+        "epoch": results["epoch"].astype(int),
+        "train_loss": results["train/loss"],
+        "val_loss": results["val/loss"],
+        "val_top1": results["metrics/accuracy_top1"],
+        "val_top5": results["metrics/accuracy_top5"],
+    })
+
+
+def train(model_name: str, dataset: Path, settings: dict, run_dir: Path):
+    """Run ultralytics training; return the trainer."""
+    from ultralytics import YOLO
+
+    model = YOLO(model_name, task="classify")
+    model.train(
+        data=str(dataset.resolve()),
+        epochs=int(settings["epochs"]),
+        batch=int(settings["batch"]),
+        imgsz=int(settings["imgsz"]),
+        patience=int(settings["patience"]),
+        seed=int(settings["seed"]),
+        workers=int(settings["workers"]),
+        device=str(settings["device"]),
+        project=str(run_dir.resolve()),
+        name="run",
+        exist_ok=True,
+        deterministic=True,
+        plots=False,
+        amp=False,
+        verbose=True,
+    )
+    return model.trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--dataset", type=Path, default=Path("data/dataset"))
+    parser.add_argument("--out", type=Path, default=Path("models/best.pt"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
+    parser.add_argument("--history", type=Path, default=Path("plots/train/history.csv"))
+    parser.add_argument("--config-dir", type=Path, default=Path(".ultralytics"),
+                        help="ultralytics settings folder (default: .ultralytics)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+
+    params = load_params(args.params)
+    classes = list(params["classes"])
+    settings = params["train"]
+    model_name = str(settings["model"])
+    check_weights(model_name)
+    images = check_dataset(args.dataset, classes)
+    offline_ultralytics(args.config_dir, settings.get("threads"))
+    log.info("training %s on %d train image(s), %d epoch(s) at %d px", model_name, images,
+             int(settings["epochs"]), int(settings["imgsz"]))
+
+    with tempfile.TemporaryDirectory(prefix="modisch-train-") as tmp:
+        started = time.perf_counter()
+        trainer = train(model_name, args.dataset, settings, Path(tmp))
+        seconds = time.perf_counter() - started
+
+        names = list(trainer.model.names.values()) if hasattr(trainer.model, "names") else []
+        if sorted(names) != sorted(classes):
+            raise SystemExit(f"trained model classes {names} differ from params.yaml classes.")
+        best = Path(trainer.best)
+        if not best.is_file():
+            raise SystemExit(f"ultralytics wrote no best checkpoint under {trainer.save_dir}.")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(best, args.out.with_name(args.out.name + ".partial"))
+        args.out.with_name(args.out.name + ".partial").replace(args.out)
+        history = history_table(Path(trainer.save_dir) / "results.csv")
+
+    write_csv(args.history, history)
+    best_row = history.loc[history["val_top1"].idxmax()]
+    epochs_run = len(history)
+    write_json(args.metrics, {
+        "model": model_name,
+        "epochs_run": epochs_run,
+        "best_epoch": int(best_row["epoch"]),
+        "val_top1": round(float(best_row["val_top1"]), 4),
+        "val_top5": round(float(best_row["val_top5"]), 4),
+        "train_seconds": round(seconds, 1),
+        # Wall time includes each epoch's val pass, so this understates pure training speed.
+        "train_images_per_second": round(images * epochs_run / seconds, 1),
+    })
+    log.info("best epoch %d of %d: val top-1 %.4f; %s written in %.0f s",
+             int(best_row["epoch"]), epochs_run, float(best_row["val_top1"]), args.out, seconds)
+
+
+if __name__ == "__main__":
+    main()
