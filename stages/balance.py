@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
+from modisch.progress import progress
 
 from modisch.augment import AugmentSettings, augment
 from modisch.images import encode_jpeg
@@ -55,7 +55,7 @@ def oversample_target(counts: dict[str, int], target) -> int:
 def copy_originals(rows: pd.DataFrame, ingested: Path, out: Path) -> list[dict]:
     """Copy the stored images of ``rows`` into ``out/<split>/<class>/``; return index rows."""
     index = []
-    for _, row in tqdm(rows.iterrows(), total=len(rows), desc="copy", unit="img"):
+    for _, row in progress(rows.iterrows(), total=len(rows), desc="copy", unit="img"):
         name = dataset_name(row)
         target = out / row["split"] / row["class"] / name
         shutil.copyfile(ingested / row["source"] / row["image"], target)
@@ -70,7 +70,7 @@ def add_augmented_copies(train: pd.DataFrame, classes: list[str], target: int, s
     """Write augmented copies of train images until each class reaches ``target``."""
     index = []
     needed = {c: max(0, target - int((train["class"] == c).sum())) for c in classes}
-    progress = tqdm(total=sum(needed.values()), desc="oversample", unit="img")
+    bar = progress(total=sum(needed.values()), desc="oversample", unit="img")
     for class_name in classes:
         originals = train[train["class"] == class_name].sort_values(["source", "path"])
         if needed[class_name] == 0 or originals.empty:
@@ -88,8 +88,8 @@ def add_augmented_copies(train: pd.DataFrame, classes: list[str], target: int, s
             index.append({"file": f"train/{class_name}/{name}", "split": "train",
                           "class": class_name, "source": row["source"], "path": row["path"],
                           "augmented_from": f"train/{class_name}/{dataset_name(row)}"})
-            progress.update(1)
-    progress.close()
+            bar.update(1)
+    bar.close()
     return index
 
 

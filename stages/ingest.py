@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
+from modisch.progress import progress
 
 from modisch.archives import ArchiveLimits, MemberReadError, iter_members
 from modisch.images import (
@@ -126,13 +126,13 @@ def ingest_source(source: str, raw_dir: Path, out_dir: Path, limits: ArchiveLimi
         indexed = ((index, job) for index, job in jobs)
         # Results come back in submission order, which keeps the output deterministic.
         pending = {}
-        progress = tqdm(desc=f"ingest {source}", unit="file")
+        bar = progress(desc=f"ingest {source}", unit="file")
         for index, job in indexed:
             pending[index] = pool.submit(_process_job, job)
             if len(pending) >= 4 * workers:
-                _collect(pending, rows, images_dir, progress, keep=2 * workers)
-        _collect(pending, rows, images_dir, progress, keep=0)
-        progress.close()
+                _collect(pending, rows, images_dir, bar, keep=2 * workers)
+        _collect(pending, rows, images_dir, bar, keep=0)
+        bar.close()
 
         manifest = pd.DataFrame(rows, columns=COLUMNS[1:]).fillna("")
         manifest.insert(0, "source", source)
@@ -140,7 +140,7 @@ def ingest_source(source: str, raw_dir: Path, out_dir: Path, limits: ArchiveLimi
     return manifest
 
 
-def _collect(pending: dict, rows: list[dict], images_dir: Path, progress, keep: int) -> None:
+def _collect(pending: dict, rows: list[dict], images_dir: Path, bar, keep: int) -> None:
     for index in sorted(pending)[: max(0, len(pending) - keep)]:
         fields, jpeg = pending.pop(index).result()
         rows[index].update(fields)
@@ -148,7 +148,7 @@ def _collect(pending: dict, rows: list[dict], images_dir: Path, progress, keep: 
             name = f"{image_key(rows[index]['path'])}.jpg"
             (images_dir / name).write_bytes(jpeg)
             rows[index]["image"] = f"images/{name}"
-        progress.update(1)
+        bar.update(1)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
+from modisch.progress import progress
 
 from modisch.outputs import read_csv
 
@@ -29,7 +29,7 @@ def read_split(dataset: Path, split: str, classes: list[str]) -> pd.DataFrame:
 def predict_files(predict, files: list[str], batch_size: int, desc: str) -> np.ndarray:
     """Return ``predict``'s probabilities for image files, in batches, with a progress bar."""
     outputs = []
-    for start in tqdm(range(0, len(files), batch_size), desc=desc, unit="batch"):
+    for start in progress(range(0, len(files), batch_size), desc=desc, unit="batch"):
         images = []
         for name in files[start:start + batch_size]:
             with Image.open(name) as image:
