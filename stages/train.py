@@ -55,13 +55,27 @@ def history_table(results_csv: Path) -> pd.DataFrame:
     })
 
 
+def link_dataset(dataset: Path, workdir: Path) -> Path:
+    """Return a folder of symlinks to the dataset's splits inside ``workdir``.
+
+    ultralytics writes ``<split>.cache`` files beside the split folders. Training through
+    links keeps those files out of ``data/dataset``, which is the balance stage's output.
+    """
+    linked = workdir / "dataset"
+    linked.mkdir()
+    for split in ("train", "val", "test"):
+        if (dataset / split).is_dir():
+            (linked / split).symlink_to((dataset / split).resolve(), target_is_directory=True)
+    return linked
+
+
 def train(model_name: str, dataset: Path, settings: dict, run_dir: Path):
     """Run ultralytics training; return the trainer."""
     from ultralytics import YOLO
 
     model = YOLO(model_name, task="classify")
     model.train(
-        data=str(dataset.resolve()),
+        data=str(link_dataset(dataset, run_dir)),
         epochs=int(settings["epochs"]),
         batch=int(settings["batch"]),
         imgsz=int(settings["imgsz"]),
