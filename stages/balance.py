@@ -73,6 +73,9 @@ def add_augmented_copies(train: pd.DataFrame, classes: list[str], target: int, s
     bar = progress(total=sum(needed.values()), desc="oversample", unit="img")
     for class_name in classes:
         originals = train[train["class"] == class_name].sort_values(["source", "path"])
+        if originals.empty:
+            log.warning("train has no images of %s, so it stays empty; add data for it or "
+                        "check the class maps", class_name)
         if needed[class_name] == 0 or originals.empty:
             continue
         # One generator per class, so adding a class does not change the copies of others.

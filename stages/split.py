@@ -11,8 +11,8 @@ Exact copies (same decoded pixels) and near copies (perceptual hashes within
 ``near_duplicate_distance`` bits, confirmed by 32 x 32 thumbnails differing by at most
 ``near_duplicate_max_difference`` on average) form one group, and a group never straddles two splits.
 Within a group, later exact copies of an image are marked ``duplicate``. A group whose
-images carry more than one class is a label conflict: ``drop`` marks the whole group
-``conflict``; ``keep_majority`` keeps the images of the most common class.
+images carry more than one class is a label conflict. Policy ``drop`` marks the whole
+group ``conflict``, and ``keep_majority`` keeps the images of the most common class.
 The split is stratified by class and depends only on the manifest and the seed.
 
 Run alone:  python stages/split.py

@@ -41,7 +41,7 @@ def run(command: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
 
 
 def stages_run(output: str) -> set[str]:
-    """Return the stages that ``dvc repro`` output says it ran."""
+    """Return the stages that ``dvc repro`` reports as run in its output."""
     return {name for name in STAGES if f"Running stage '{name}'" in output}
 
 
