@@ -114,6 +114,12 @@ def summarise(manifest: pd.DataFrame, classes: list[str]) -> dict:
         source: {name: int((rows["split"] == name).sum()) for name in SPLITS}
         for source, rows in kept.groupby("source", sort=True)
     }
+    per_source_class = {
+        source: {name: {c: int(n) for c, n in rows[rows["split"] == name]["class"]
+                        .value_counts().reindex(classes, fill_value=0).items()}
+                 for name in SPLITS}
+        for source, rows in kept.groupby("source", sort=True)
+    }
     dropped = manifest[manifest["split"] == ""]
     by_reason = {
         f"{status}/{reason}": int(n)
@@ -128,6 +134,7 @@ def summarise(manifest: pd.DataFrame, classes: list[str]) -> dict:
         "dropped_by_reason": by_reason,
         "per_source": per_source,
         "per_class": per_split,
+        "per_source_class": per_source_class,
     }
 
 

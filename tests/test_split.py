@@ -261,6 +261,18 @@ def test_split_metrics_consistent(dropped):
         assert sum(source[name] for source in metrics["per_source"].values()) == count
 
 
+def test_split_metrics_per_source_class(dropped):
+    manifest, metrics = dropped
+    kept = manifest[manifest["split"] != ""]
+
+    assert set(metrics["per_source_class"]) == set(kept["source"])
+    for source, splits in metrics["per_source_class"].items():
+        for name, counts in splits.items():
+            rows = kept[(kept["source"] == source) & (kept["split"] == name)]
+            assert sum(counts.values()) == len(rows)
+            assert counts == {c: int((rows["class"] == c).sum()) for c in counts}
+
+
 def test_split_class_counts_plot(labelled, tmp_path, monkeypatch):
     _, metrics = run_split(labelled, tmp_path, monkeypatch)
 
