@@ -21,8 +21,8 @@ tried, so a file that is not an image appears as a row with an error instead of
 disappearing. Rows are sorted by path. Messages go to stderr, never into the output.
 
 Never imports torch or ultralytics, so it runs where only the exported model is deployed.
-Besides onnxruntime, numpy and Pillow, the modisch modules it uses import onnx, imagehash
-and tqdm.
+Besides onnxruntime, numpy and Pillow, the modisch modules it uses import imagehash and
+tqdm.
 
 Run:  python stages/predict.py photos/ shirt.jpg 'shop/**/*.png' --format json --output predictions.json
 """

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from PIL import Image
 
@@ -18,6 +17,9 @@ PREFIX = "modisch."
 
 def write_metadata(path: Path, entries: dict) -> None:
     """Add ``modisch.*`` metadata entries to an ONNX file in place (JSON-encoded values)."""
+    # Imported here so that running a model needs onnxruntime only.
+    import onnx
+
     model = onnx.load(str(path))
     existing = {prop.key: prop for prop in model.metadata_props}
     for key, value in entries.items():
