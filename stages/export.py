@@ -1,12 +1,17 @@
 """Export the trained model to ONNX, check it against PyTorch, and set its threshold.
 
-Reads   models/best.pt, data/dataset/{val,test}/ and data/dataset/index.csv
+Reads   models/best.pt (an ultralytics YOLO-cls or an EfficientNet-Lite0 checkpoint,
+        recognised by its content), data/dataset/{val,test}/ and data/dataset/index.csv
 Writes  models/model.onnx       dynamic batch axis; metadata: class names in output order,
                                 input size, preprocessing, output kind, confidence
                                 threshold, params hash
         metrics/export.json     parity (max probability difference, top-1 agreement on the
                                 test images) and the threshold chosen on val
 Params  classes, train.imgsz, export.*, evaluate.threshold.*
+
+Both families export with a softmax output, so the ONNX model returns probabilities. An
+EfficientNet-Lite0 checkpoint carries its own image size and preprocessing (mean and std
+0.5), which go into the metadata in place of train.imgsz and the YOLO preprocessing.
 
 The confidence threshold is chosen here, on val, so that the evaluate stage can report it
 on test without ever tuning on test.
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modisch import efficientnet
 from modisch.onnx_model import OnnxClassifier, write_metadata
 from modisch.outputs import write_json
 from modisch.params import load_params
@@ -81,6 +87,21 @@ def torch_predictor(weights: Path, imgsz: int):
     return predict
 
 
+def efficientnet_predictor(content: dict):
+    """Return a function that maps PIL images to an EfficientNet checkpoint's probabilities."""
+    import torch
+
+    model = efficientnet.WithSoftmax(efficientnet.model_from_checkpoint(content)).eval()
+    spec = content["preprocessing"]
+
+    def predict(images):
+        batch = torch.from_numpy(np.stack([preprocess(image, spec) for image in images]))
+        with torch.inference_mode():
+            return model(batch).numpy()
+
+    return predict
+
+
 def check_parity(onnx_probs: np.ndarray, torch_probs: np.ndarray, max_abs_diff: float,
                  min_agreement: float) -> dict:
     """Compare ONNX and PyTorch probabilities; stop when they disagree beyond the limits."""
@@ -117,25 +138,34 @@ def main() -> None:
                          f"{threshold_settings['criterion']!r}; only 'macro_f1' is supported.")
     if not args.weights.is_file():
         raise SystemExit(f"{args.weights}: not found; run the train stage first (dvc repro train).")
-    offline_ultralytics(args.config_dir, None)
-    log.info("exporting %s at %d px", args.weights, imgsz)
+    content = efficientnet.read_checkpoint(args.weights)
 
     partial = args.out.with_name(args.out.name + ".partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    names = export_onnx(args.weights, imgsz, int(settings["opset"]), bool(settings["simplify"]),
-                        partial)
+    if content is None:
+        offline_ultralytics(args.config_dir, None)
+        log.info("exporting %s at %d px", args.weights, imgsz)
+        names = export_onnx(args.weights, imgsz, int(settings["opset"]),
+                            bool(settings["simplify"]), partial)
+        spec = yolo_preprocessing(imgsz)
+        torch_predict = torch_predictor(args.weights, imgsz)
+    else:
+        imgsz, names, spec = int(content["image_size"]), list(content["classes"]), \
+            content["preprocessing"]
+        log.info("exporting %s (%s) at %d px", args.weights, content["architecture"], imgsz)
+        efficientnet.export_onnx(efficientnet.model_from_checkpoint(content), imgsz,
+                                 int(settings["opset"]), bool(settings["simplify"]), partial)
+        torch_predict = efficientnet_predictor(content)
     if sorted(names) != sorted(params["classes"]):
         raise SystemExit(f"{args.weights}: model classes {names} differ from params.yaml classes.")
-    write_metadata(partial, {"classes": names, "image_size": imgsz,
-                             "preprocessing": yolo_preprocessing(imgsz),
+    write_metadata(partial, {"classes": names, "image_size": imgsz, "preprocessing": spec,
                              "output": "probabilities", "params_hash": params_hash(params),
                              "model": str(params["train"]["model"])})
     classifier = OnnxClassifier(partial)
 
     test = read_split(args.dataset, "test", names)
     onnx_test = predict_files(classifier.predict, list(test["file"]), BATCH, "onnx test")
-    torch_test = predict_files(torch_predictor(args.weights, imgsz), list(test["file"]), BATCH,
-                               "pytorch test")
+    torch_test = predict_files(torch_predict, list(test["file"]), BATCH, "pytorch test")
     parity = check_parity(onnx_test, torch_test, float(settings["parity"]["max_abs_diff"]),
                           float(settings["parity"]["min_top1_agreement"]))
 

