@@ -67,6 +67,8 @@ def skip_special_entries(folder: str, names: list[str]) -> set[str]:
     """Return the names in ``folder`` that are neither regular files nor folders.
 
     ``shutil.copytree`` calls this as its ``ignore`` hook, so symlinks are never followed.
+    NOTE: the entries skipped here appear only in this stage's log, not in the ingest
+    manifest, because ingest sees the copy without them.
     """
     skipped = set()
     for name in names:
