@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 from modisch import efficientnet
 from modisch.onnx_model import OnnxClassifier
 from modisch.preprocess import preprocess
+from param_changes import apply_changes
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "replica"
@@ -168,12 +169,7 @@ def write_tiny_dataset(root: Path) -> Path:
 def write_params(path: Path, changes: dict) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["classes"] = sorted(TINY_CLASSES)
-    for dotted, value in changes.items():
-        node = params
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[last] = value
+    apply_changes(params, changes)
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return path
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from param_changes import apply_changes
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "replica"
 PROJECT_FILES = ["stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
@@ -47,13 +49,7 @@ def stages_run(output: str) -> set[str]:
 
 def set_params(repo: Path, changes: dict) -> None:
     path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text(encoding="utf-8"))
-    for dotted, value in changes.items():
-        node = params
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[last] = value
+    params = apply_changes(yaml.safe_load(path.read_text(encoding="utf-8")), changes)
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
 
