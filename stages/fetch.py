@@ -68,7 +68,7 @@ def skip_special_entries(folder: str, names: list[str]) -> set[str]:
 
     ``shutil.copytree`` calls this as its ``ignore`` hook, so symlinks are never followed.
     NOTE: the entries skipped here appear only in this stage's log, not in the ingest
-    manifest, because ingest sees the copy without them.
+    manifest, because ingest reads the copy, which lacks them.
     """
     skipped = set()
     for name in names:

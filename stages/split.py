@@ -92,12 +92,12 @@ def assign_splits(manifest: pd.DataFrame, val: float, test: float, seed: int) ->
         groups = rows.groupby("group", sort=True).size()
         order = groups.index[rng.permutation(len(groups))]
         total = int(groups.sum())
-        wanted = {"test": round(total * test), "val": round(total * val)}
-        taken = {"test": 0, "val": 0}
+        target_counts = {"test": round(total * test), "val": round(total * val)}
+        assigned_counts = {"test": 0, "val": 0}
         for group in order:
-            target = next((name for name in ("test", "val") if taken[name] < wanted[name]), "train")
+            target = next((name for name in ("test", "val") if assigned_counts[name] < target_counts[name]), "train")
             if target != "train":
-                taken[target] += int(groups[group])
+                assigned_counts[target] += int(groups[group])
             split[members[group]] = target
     return split
 

@@ -76,7 +76,7 @@ def calibration_bins(y_true: np.ndarray, probs: np.ndarray, bins: int) -> pd.Dat
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y_true
     edges = np.linspace(0.0, 1.0, bins + 1)
-    # Bin i holds confidences in (edge_i, edge_i+1]; confidence 0 goes to the first bin.
+    # Bin i contains confidences in (edge_i, edge_i+1]; confidence 0 goes to the first bin.
     which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
     rows = []
     for i in range(bins):
